@@ -1,0 +1,1 @@
+"""community-edge: the gateway daemon (model, config, sources, pipeline, CLI)."""

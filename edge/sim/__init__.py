@@ -1,0 +1,1 @@
+"""Simulated sensors for the demo and tests."""

@@ -1,0 +1,1 @@
+"""Sources: each owns its connection and hands decoded readings to the pipeline."""

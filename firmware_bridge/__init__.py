@@ -1,0 +1,1 @@
+"""Microcontroller bridge protocol, codec, transport and emulator (issue 3)."""

@@ -1,0 +1,1 @@
+"""Reading -> line protocol -> durable spool -> InfluxDB."""

@@ -1,0 +1,1 @@
+"""Local alert rules, alert lifecycle and notification delivery (issue 4)."""
