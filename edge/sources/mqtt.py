@@ -5,10 +5,12 @@ points, or the count of its rejection, are committed to the spool. Until then th
 it in our persistent session (``clean_start=False`` plus a session expiry) and redelivers it
 after a crash or reconnect. Duplicates are harmless: every point carries an explicit timestamp.
 
-Client choice (numbers in docs/benchmarks.md): gmqtt, because it lets the PUBACK wait for an
-async callback (``optimistic_acknowledgement=False``) at ~22 µs of CPU per message, where
-paho-mqtt 2.2 costs ~37 µs per message just to receive (it reads each packet header with
-separate one-byte ``recv`` calls) and aiomqtt has no manual ack.
+Client choice (numbers in docs/benchmarks.md): gmqtt on asyncio. paho-mqtt 2.2 costs ~37 µs of
+CPU per message just to receive (it reads each packet header with one-byte ``recv`` calls) and
+aiomqtt has no manual ack. gmqtt's own deferred acknowledgement (an async callback per message)
+costs a task per message, so :meth:`MqttIntake.on_qos1` takes over its QoS 1 handling: messages
+are decoded synchronously as they are parsed, and one done-callback per group commit sends the
+PUBACKs of the whole batch, which :func:`coalesce_writes` joins into one ``send()``.
 
 Flow control: MQTT v5 ``Receive Maximum`` bounds how many unacknowledged messages the broker
 sends us; that is also the bound on what this process holds in memory. When the spool cannot
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -37,11 +38,48 @@ from edge.config import MqttTopic
 from edge.decoders import DecodeError, Decoder, Route, make_decoder
 from edge.model import Priority
 from ingest.lineprotocol import LineEncoder, LineProtocolError
-from ingest.spool import SpoolError, SpoolService
+from ingest.spool import SpoolService
 
 log = logging.getLogger(__name__)
 
 _ROUTE_CACHE_MAX = 50_000
+_DISCONNECT = 0xE0
+RETRY_INITIAL_SECS = 0.05
+
+
+def coalesce_writes() -> None:
+    """Send the PUBACKs released by one group commit in one ``send()``, not one each.
+
+    A commit completes hundreds of message futures in one event-loop iteration; gmqtt writes
+    each PUBACK to the socket at once, which cost ~7% of the CPU in ``send`` at 15k msg/s
+    (py-spy, docs/benchmarks.md). This buffers gmqtt's writes until the end of the current
+    loop iteration and joins them. Order is kept (every write goes through here) and a
+    DISCONNECT flushes at once, so nothing is left behind when the socket closes. gmqtt is
+    pinned, so the one method replaced here cannot move under us.
+    """
+    from gmqtt.mqtt import protocol
+
+    cls = protocol.MQTTProtocol
+    if getattr(cls, "_edge_coalescing", False):
+        return
+    write = protocol.BaseMQTTProtocol.write_data
+
+    def flush(self: Any) -> None:
+        buf = self.__dict__.pop("_edge_wbuf", None)
+        if buf:
+            write(self, b"".join(buf))
+
+    def write_data(self: Any, data: bytes) -> None:
+        buf = self.__dict__.get("_edge_wbuf")
+        if buf is None:
+            buf = self._edge_wbuf = []
+            asyncio.get_running_loop().call_soon(flush, self)
+        buf.append(data)
+        if data[:1] == bytes((_DISCONNECT,)):
+            flush(self)
+
+    cls.write_data = write_data
+    cls._edge_coalescing = True
 
 
 class MqttIntake:
@@ -68,6 +106,9 @@ class MqttIntake:
         self._burst = BurstLog(log)
         self._attempt = 0
         self._inflight = 0
+        self._held: dict[asyncio.Future[None], list[tuple[int | None, str | None,
+                                                           list[bytes]]]] = {}
+        self._retry_secs = RETRY_INITIAL_SECS
         self._stopping = False
         self._unsubscribed = 0
         self.connected = asyncio.Event()
@@ -86,8 +127,8 @@ class MqttIntake:
             values = entry.match(topic)
             if values is None:
                 continue
-            found = (
-                Route(
+            try:
+                route = Route(
                     measurement=entry.measurement,
                     site=values.get("site") or entry.site or self.default_site,
                     zone=values.get("zone") or entry.zone,
@@ -96,9 +137,10 @@ class MqttIntake:
                     field_map=entry.field_map,
                     timestamp_field=entry.timestamp_field,
                     timestamp_unit=entry.timestamp_unit,
-                ),
-                decoder,
-            )
+                )
+            except DecodeError:
+                break  # a topic level unusable as a tag (control characters, too long)
+            found = (route, decoder)
             break
         if len(self._routes) >= _ROUTE_CACHE_MAX:
             self._routes.clear()
@@ -107,46 +149,68 @@ class MqttIntake:
 
     # -- the hot path ----------------------------------------------------------------------
 
-    async def on_message(
-        self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
-    ) -> int:
-        """gmqtt calls this per PUBLISH and sends the PUBACK when it returns."""
-        self._inflight += 1
-        try:
-            return await self._handle(topic, payload)
-        finally:
-            self._inflight -= 1
-
-    async def _handle(self, topic: str, payload: bytes) -> int:
-        spool = self.spool
+    def _decode(self, topic: str, payload: bytes) -> tuple[str | None, list[bytes]]:
+        """(rejection reason, lines): exactly one of the two is set."""
         found = self.route(topic)
-        reason = None
-        lines: list[bytes] = []
         if found is None:
-            reason = "unknown_topic"
-            self._burst.warning(reason, "message on unexpected topic %r rejected", topic[:200])
-        else:
-            route, decoder = found
-            try:
-                encode = self.encoder.encode
-                lines = [encode(r) for r in decoder(route, payload, self.clock())]
-            except DecodeError as exc:
-                reason = exc.reason
-                self._burst.warning(reason, "%s: rejected payload: %s", topic[:200], exc)
-            except LineProtocolError as exc:
-                reason = "bad_value"
-                self._burst.warning(reason, "%s: rejected payload: %s: %s", topic[:200], reason,
-                                    exc)
-        delay = 0.05
-        while True:
-            fut = spool.reject(reason) if reason else spool.submit(Priority.TELEMETRY, lines)
-            try:
-                await fut
-                return 0
-            except (SpoolError, sqlite3.Error):
-                # Not committed: hold the message unacknowledged and try again.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            self._burst.warning("unknown_topic", "message on unexpected topic %r rejected",
+                                topic[:200])
+            return "unknown_topic", []
+        route, decoder = found
+        try:
+            encode = self.encoder.encode
+            return None, [encode(r) for r in decoder(route, payload, self.clock())]
+        except DecodeError as exc:
+            self._burst.warning(exc.reason, "%s: rejected payload: %s", topic[:200], exc)
+            return exc.reason, []
+        except LineProtocolError as exc:
+            self._burst.warning("bad_value", "%s: rejected payload: %s", topic[:200], exc)
+            return "bad_value", []
+
+    def on_qos1(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
+        """Takes over gmqtt's QoS 1 handling: spool now, PUBACK when the commit completes.
+
+        gmqtt's own way (an async callback per message, PUBACK when it returns) costs a task
+        per message; here one done-callback per group commit acknowledges its whole batch.
+        """
+        reason, lines = self._decode(topic, payload)
+        self._enqueue(mid, reason, lines)
+
+    def on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
+                   ) -> int:
+        """QoS 0 messages (nothing to acknowledge): spooled all the same."""
+        reason, lines = self._decode(topic, payload)
+        self._enqueue(None, reason, lines)
+        return 0
+
+    def _enqueue(self, mid: int | None, reason: str | None, lines: list[bytes]) -> None:
+        spool = self.spool
+        fut = spool.reject(reason) if reason else spool.submit(Priority.TELEMETRY, lines)
+        held = self._held.get(fut)
+        if held is None:
+            held = self._held[fut] = []
+            fut.add_done_callback(self._committed)
+        held.append((mid, reason, lines))
+        self._inflight += 1
+
+    def _committed(self, fut: asyncio.Future[None]) -> None:
+        held = self._held.pop(fut)
+        self._inflight -= len(held)
+        if fut.cancelled() or fut.exception() is not None:
+            # Not committed (disk full, I/O error): hold the messages unacknowledged and
+            # submit them again; the broker stops sending when its window is full.
+            asyncio.get_running_loop().call_later(self._retry_secs, self._resubmit, held)
+            self._retry_secs = min(self._retry_secs * 2, 5.0)
+            return
+        self._retry_secs = RETRY_INITIAL_SECS
+        send = self._gmqtt._package_handler._send_puback
+        for mid, _, _ in held:
+            if mid is not None:
+                send(mid)
+
+    def _resubmit(self, held: list[tuple[int | None, str | None, list[bytes]]]) -> None:
+        for mid, reason, lines in held:
+            self._enqueue(mid, reason, lines)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -158,15 +222,17 @@ class MqttIntake:
                 "session_expiry_interval": cfg.session_expiry_secs,
                 "receive_maximum": cfg.receive_maximum,
             }
+        coalesce_writes()
         client = Client(
             cfg.client_id,
             clean_session=False,
-            optimistic_acknowledgement=False,
             **props,
         )
         if cfg.username:
             client.set_auth_credentials(cfg.username, cfg.password())
         client.on_message = self.on_message
+        # Our QoS 1 path replaces gmqtt's (see on_qos1); gmqtt is pinned in pyproject.toml.
+        client._package_handler._handle_qos_1_publish_packet = self.on_qos1
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
