@@ -117,6 +117,10 @@ class Gateway:
         if self.config.influxdb is not None:
             deadline = time.monotonic() + self.shutdown_grace_secs
             while time.monotonic() < deadline and not downstream[0].done():
+                forwarder = getattr(self, "forwarder", None)
+                if forwarder is not None and forwarder.failing:
+                    log.info("InfluxDB unavailable: leaving the backlog in the spool")
+                    break
                 status = await self.spool.call(self.spool.spool.status)
                 if status.points_queued == 0:
                     break
@@ -132,6 +136,10 @@ class Gateway:
         forwarding of the backlog work without it), so after ``READY_WAIT_SECS`` we report
         ready anyway and the source keeps reconnecting.
         """
+        http = getattr(self, "http", None)
+        if http is not None:
+            # Binding a local port either works at once or fails the task (a config problem).
+            await http.listening.wait()
         mqtt = getattr(self, "mqtt", None)
         if mqtt is None:
             return

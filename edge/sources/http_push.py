@@ -63,6 +63,7 @@ class HttpPushIntake:
             for e in config.endpoints
         }
         self.port: int | None = None
+        self.listening = asyncio.Event()
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -71,17 +72,20 @@ class HttpPushIntake:
         return hmac.compare_digest(supplied.encode(), self._token)
 
     async def handle(self, request: web.Request) -> web.Response:
+        # Authenticate first, so that unauthenticated clients cannot probe for paths.
+        if not self._authorized(request):
+            self._burst.warning("http_auth", "http push %s: bad or missing token from %s",
+                                request.path[:200], request.remote)
+            return web.json_response({"error": "unauthorized"}, status=401)
         found = self._routes.get(request.path)
         if found is None:
             return web.json_response({"error": "unknown path"}, status=404)
-        if not self._authorized(request):
-            self._burst.warning("http_auth", "http push %s: bad or missing token from %s",
-                                request.path, request.remote)
-            return web.json_response({"error": "unauthorized"}, status=401)
         route, decoder_name = found
         payload = await request.read()
         try:
-            event = _DECODERS[decoder_name](route, payload, time.time_ns(), self.pseudonymize)
+            # The body limit is max_body_bytes (413 above it), not the decoder's 64 KiB default.
+            event = _DECODERS[decoder_name](route, payload, time.time_ns(), self.pseudonymize,
+                                            max_bytes=self.config.max_body_bytes)
             line = self.encoder.encode(event)
         except (DecodeError, LineProtocolError) as exc:
             reason = exc.reason if isinstance(exc, DecodeError) else "bad_value"
@@ -117,6 +121,7 @@ class HttpPushIntake:
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else self.config.port
             log.info("http push listening on %s:%s", self.config.host, self.port)
+            self.listening.set()
             await asyncio.Future()
         finally:
             await runner.cleanup()

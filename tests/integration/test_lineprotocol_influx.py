@@ -269,14 +269,9 @@ TABLE: list[tuple[str, dict[str, str], dict[str, FieldValue], int]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("tags", "fields", "ts"), [pytest.param(t, f, s, id=label) for label, t, f, s in TABLE]
-)
-def test_injection_table_is_stored_unchanged(
-    influx_url: str, tags: dict[str, str], fields: dict[str, FieldValue], ts: int
-) -> None:
+def _table_point(tags: dict[str, str], fields: dict[str, FieldValue], ts: int) -> Reading:
     values = {"device": "d", "kind": "k", "site": "s", "zone": "z", **tags}
-    point = Reading(
+    return Reading(
         _unique_measurement("lpt"),
         values["site"],
         values["zone"],
@@ -285,10 +280,29 @@ def test_injection_table_is_stored_unchanged(
         fields,
         ts,
     )
+
+
+@pytest.mark.parametrize(
+    ("tags", "fields", "ts"), [pytest.param(t, f, s, id=label) for label, t, f, s in TABLE]
+)
+def test_injection_table_is_stored_unchanged(
+    influx_url: str, tags: dict[str, str], fields: dict[str, FieldValue], ts: int
+) -> None:
+    point = _table_point(tags, fields, ts)
     before = _measurements(influx_url)
     _influx_write(influx_url, LineEncoder().encode(point))
     assert _measurements(influx_url) - before == {point.measurement}
     _assert_stored_once(influx_url, point)
+
+
+def test_injection_table_as_one_batch_does_not_corrupt_neighbours(influx_url: str) -> None:
+    points = [_table_point(tags, fields, ts) for _, tags, fields, ts in TABLE]
+    before = _measurements(influx_url)
+    encoder = LineEncoder()
+    _influx_write(influx_url, b"\n".join(encoder.encode(point) for point in points))
+    assert _measurements(influx_url) - before == {point.measurement for point in points}
+    for point in points:
+        _assert_stored_once(influx_url, point)
 
 
 @pytest.mark.parametrize(
