@@ -33,11 +33,13 @@ from ingest.writer import InfluxWriter, Outcome, WriteResult
 log = logging.getLogger(__name__)
 
 # Server messages -> short quarantine reasons (the counter label); the full message is kept.
+# "unable to parse" comes first: that message quotes the refused line, whose words
+# ("conflict", "beyond retention") must not choose the reason.
 _REASONS = (
+    ("unable to parse", "parse_error"),
     ("field type conflict", "type_conflict"),
     ("conflict", "type_conflict"),
     ("beyond retention", "beyond_retention"),
-    ("unable to parse", "parse_error"),
     ("invalid", "invalid"),
 )
 
@@ -67,6 +69,11 @@ class Forwarder:
         self._attempt = 0
         self._failing: str | None = None
         self.flush_interval = config.flush_interval_ms / 1000
+
+    @property
+    def failing(self) -> bool:
+        """True while writes fail (server down, refused credentials, ...)."""
+        return self._failing is not None
 
     async def run(self) -> None:
         """Forward until cancelled."""
@@ -141,6 +148,7 @@ class Forwarder:
             log.error("InfluxDB %s answered 404: %s. Keeping data in the spool.",
                       self.writer.describe(), hint)
             await self._record(f"404 from {self.writer.describe()}: {hint}")
+            self._failing = hint  # so that the first successful write clears the record
         elif result.outcome is Outcome.AUTH:
             log.error("InfluxDB %s refused our credentials (%s). Keeping data in the spool.",
                       self.writer.describe(), result.status)

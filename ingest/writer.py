@@ -16,6 +16,7 @@ The writer only talks HTTP and classifies; what to do about each class is the fo
 
 from __future__ import annotations
 
+import base64
 import enum
 import zlib
 from dataclasses import dataclass
@@ -78,12 +79,10 @@ class InfluxWriter:
             if config.retention_policy:
                 params["rp"] = config.retention_policy
             self._headers = {"Content-Type": "text/plain; charset=utf-8"}
-            password = config.password()
-            self._auth = (
-                aiohttp.BasicAuth(config.username, password or "")
-                if config.username
-                else None
-            )
+            if config.username:
+                # Built here: aiohttp 3.14 deprecates BasicAuth (a DeprecationWarning per writer).
+                pair = f"{config.username}:{config.password() or ''}".encode()
+                self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         else:
             self.endpoint = f"{base}/api/v2/write"
             params = {"org": config.org or "", "bucket": config.bucket or "", "precision": "ns"}
@@ -91,7 +90,6 @@ class InfluxWriter:
                 "Content-Type": "text/plain; charset=utf-8",
                 "Authorization": f"Token {config.token() or ''}",
             }
-            self._auth = None
         self._params = params
         self._gzip = config.compression == "gzip"
         self._session: aiohttp.ClientSession | None = None
@@ -134,7 +132,7 @@ class InfluxWriter:
             headers = {**headers, "Content-Encoding": "gzip"}
         try:
             async with self._session.post(
-                self.endpoint, params=self._params, data=data, headers=headers, auth=self._auth
+                self.endpoint, params=self._params, data=data, headers=headers
             ) as resp:
                 text = await resp.text(errors="replace")
                 return classify(resp.status, text, resp.headers.get("Retry-After"))
