@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -102,9 +103,20 @@ class Forwarder:
         body = b"\n".join(s.body for s in segments)
         quarantined: list[tuple[str, str, bytes]] = []
         delivered = await self._send_body(body, sum(s.n for s in segments), quarantined)
-        await self.spool.call(
-            self.spool.spool.ack, segments, delivered, quarantined, time.time_ns()
-        )
+        delay = 0.1
+        while True:
+            try:
+                await self.spool.call(
+                    self.spool.spool.ack, segments, delivered, quarantined, time.time_ns()
+                )
+                return
+            except sqlite3.Error as exc:
+                # Disk full or I/O error: the lines are in InfluxDB but still in the spool.
+                # Retry rather than crash-loop; a re-send after a restart would be harmless.
+                log.error("spool: cannot record %d delivered lines (%s); retrying", delivered,
+                          exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _send_body(
         self, body: bytes, n: int, quarantined: list[tuple[str, str, bytes]]
@@ -185,4 +197,7 @@ class Forwarder:
     async def _record(self, error: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         value = f"{stamp} {error}" if error else ""
-        await self.spool.call(self.spool.spool.set_meta, "forwarder_last_error", value)
+        try:
+            await self.spool.call(self.spool.spool.set_meta, "forwarder_last_error", value)
+        except sqlite3.Error as exc:  # status only: never worth stopping the forwarder for
+            log.warning("spool: cannot record the forwarder state: %s", exc)

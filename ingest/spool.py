@@ -146,6 +146,8 @@ class Spool:
         self.quarantine_max_rows = quarantine_max_rows
         self._db: sqlite3.Connection | None = None
         self._bytes = 0
+        self._dropped_unlogged = 0
+        self._drop_logged_at = -1e9
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -185,7 +187,7 @@ class Spool:
         return db
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"{time.time_ns() % 1_000_000_000:09d}"
         target = self.path.with_name(f"{self.path.name}.corrupt.{stamp}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
@@ -208,37 +210,60 @@ class Spool:
     def append(self, batch: Batch, now_ns: int) -> None:
         """Store one group commit durably (one transaction, one fsync).
 
+        Over quota, the oldest telemetry goes first: queued segments, then, if one commit alone
+        is larger than the quota, the oldest telemetry lines of this batch (all counted as
+        ``points_dropped:quota``). Events are never dropped.
+
         Raises:
-            SpoolFull: the quota cannot be met by dropping telemetry; nothing was written.
+            SpoolFull: the events alone do not fit; nothing was written.
             sqlite3.Error: I/O failure; nothing was written.
         """
         db = self._require()
-        rows = []
-        new_bytes = 0
-        for priority, lines in batch.lines.items():
-            if not lines:
-                continue
-            body = b"\n".join(lines)
-            rows.append((now_ns, int(priority), len(lines), len(body), body))
-            new_bytes += len(body)
+        lines = {p: ls for p, ls in batch.lines.items() if ls}
+        new_bytes = sum(_joined_len(ls) for ls in lines.values())
+        freed = dropped = trimmed = 0
         with db:
-            if rows and self._bytes + new_bytes > self.max_bytes:
-                self._make_room(db, new_bytes)
+            if lines and self._bytes + new_bytes > self.max_bytes:
+                freed, dropped, ids = self._oldest_telemetry(db, self._bytes + new_bytes
+                                                             - self.max_bytes)
+                over = self._bytes - freed + new_bytes - self.max_bytes
+                tel = lines.get(Priority.TELEMETRY)
+                if over > 0 and tel:
+                    trimmed, tel = _trim_front(tel, over)
+                    new_bytes -= _joined_len(lines[Priority.TELEMETRY]) - _joined_len(tel)
+                    if tel:
+                        lines[Priority.TELEMETRY] = tel
+                    else:
+                        del lines[Priority.TELEMETRY]
+                    over = self._bytes - freed + new_bytes - self.max_bytes
+                if over > 0:
+                    raise SpoolFull(
+                        f"spool quota of {self.max_bytes} bytes reached and the rest is events"
+                    )
+                db.executemany("DELETE FROM segment WHERE id = ?", ids)
+                self._note_drop(dropped + trimmed)
+            rows = [(now_ns, int(p), len(ls), _joined_len(ls), b"\n".join(ls))
+                    for p, ls in lines.items()]
             db.executemany(
                 "INSERT INTO segment (created_ns, priority, n, bytes, body) VALUES (?,?,?,?,?)",
                 rows,
             )
             counters = dict(batch.counters)
-            spooled = sum(r[2] for r in rows)
+            spooled = sum(r[2] for r in rows) + trimmed
             if spooled:
                 counters["points_spooled"] = counters.get("points_spooled", 0) + spooled
+            if dropped + trimmed:
+                counters["points_dropped:quota"] = (
+                    counters.get("points_dropped:quota", 0) + dropped + trimmed)
             db.executemany(COUNTER_UPSERT, counters.items())
-        self._bytes += new_bytes
+        # Only now: if the transaction failed, the dropped segments are still there.
+        self._bytes += new_bytes - freed
 
-    def _make_room(self, db: sqlite3.Connection, new_bytes: int) -> None:
-        need = self._bytes + new_bytes - self.max_bytes
+    def _oldest_telemetry(self, db: sqlite3.Connection, need: int
+                          ) -> tuple[int, int, list[tuple[int]]]:
+        """The oldest telemetry segments worth ``need`` bytes: (bytes, points, ids)."""
         freed = dropped = 0
-        ids = []
+        ids: list[tuple[int]] = []
         for seg_id, n, nbytes in db.execute(
             "SELECT id, n, bytes FROM segment WHERE priority = ? ORDER BY id",
             (int(Priority.TELEMETRY),),
@@ -248,14 +273,17 @@ class Spool:
             ids.append((seg_id,))
             freed += nbytes
             dropped += n
-        if freed < need:
-            raise SpoolFull(
-                f"spool quota {self.max_bytes} bytes reached and only events are queued"
-            )
-        db.executemany("DELETE FROM segment WHERE id = ?", ids)
-        db.execute(COUNTER_UPSERT, ("points_dropped:quota", dropped))
-        self._bytes -= freed
-        log.warning("spool quota reached: dropped %d oldest telemetry points", dropped)
+        return freed, dropped, ids
+
+    def _note_drop(self, points: int) -> None:
+        # Once per minute at most: under a full quota every commit drops something.
+        self._dropped_unlogged += points
+        now = time.monotonic()
+        if now - self._drop_logged_at >= 60.0:
+            log.warning("spool quota of %d bytes reached: dropped the %d oldest telemetry "
+                        "points (since the last report)", self.max_bytes, self._dropped_unlogged)
+            self._dropped_unlogged = 0
+            self._drop_logged_at = now
 
     # -- forwarding ------------------------------------------------------------------------
 
@@ -284,13 +312,25 @@ class Spool:
         """Remove forwarded segments; record delivered and quarantined lines in one transaction.
 
         ``quarantined`` holds ``(reason, server message, line)`` for each refused line.
+
+        A segment the quota or retention dropped while it was being forwarded is already
+        counted as dropped: its lines are not counted again (taken from ``delivered`` first,
+        then from the quarantined lines), and if its id was reused by a newer segment, that
+        one is not deleted (rowids of deleted rows are reused).
         """
         db = self._require()
         q = list(quarantined)
+        gone = gone_bytes = 0
         with db:
-            db.executemany("DELETE FROM segment WHERE id = ?", [(s.id,) for s in segments])
-            counts: dict[str, int] = {"points_delivered": delivered}
-            for reason, _, _ in q:
+            for s in segments:
+                cur = db.execute("DELETE FROM segment WHERE id = ? AND body = ?", (s.id, s.body))
+                if cur.rowcount == 0:
+                    gone += s.n
+                    gone_bytes += len(s.body)
+            counted = max(0, delivered - gone)
+            skip = gone - (delivered - counted)
+            counts: dict[str, int] = {"points_delivered": counted}
+            for reason, _, _ in q[skip:]:
                 key = f"points_quarantined:{reason}"
                 counts[key] = counts.get(key, 0) + 1
             if q:
@@ -304,7 +344,7 @@ class Spool:
                     (self.quarantine_max_rows,),
                 )
             db.executemany(COUNTER_UPSERT, counts.items())
-        self._bytes -= sum(len(s.body) for s in segments)
+        self._bytes -= sum(len(s.body) for s in segments) - gone_bytes
 
     def expire(self, older_than_ns: int) -> int:
         """Drop telemetry segments created before ``older_than_ns`` (embedded-mode retention)."""
@@ -354,6 +394,8 @@ class Spool:
         """The newest ``n`` queued lines, oldest first."""
         db = self._require()
         out: list[bytes] = []
+        if n <= 0:
+            return out
         for (body,) in db.execute("SELECT body FROM segment ORDER BY id DESC"):
             lines = body.split(b"\n")
             out[:0] = lines[-(n - len(out)):]
@@ -368,6 +410,20 @@ class Spool:
             (n,),
         ).fetchall()
         return [(int(a), str(b), str(c), bytes(d)) for a, b, c, d in reversed(rows)]
+
+
+def _joined_len(lines: list[bytes]) -> int:
+    """Length of ``b"\\n".join(lines)`` without joining."""
+    return sum(map(len, lines)) + len(lines) - 1 if lines else 0
+
+
+def _trim_front(lines: list[bytes], over: int) -> tuple[int, list[bytes]]:
+    """Drop lines from the front until ``over`` bytes are gone: (lines dropped, the rest)."""
+    gone = cut = 0
+    while cut < len(lines) and gone < over:
+        gone += len(lines[cut]) + 1
+        cut += 1
+    return cut, lines[cut:]
 
 
 def open_readonly(path: Path) -> Spool:
