@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.spool import SpoolStatus, open_readonly
+from tests.servers import Server, influx_query
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,20 @@ class GatewayProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def new_database(influx: Server) -> str:
+    """A fresh, uniquely named InfluxDB 1.x database (shared servers serve many tests)."""
+    db = "t" + uuid.uuid4().hex[:12]
+    influx_query(influx, "", f'CREATE DATABASE "{db}"')
+    return db
+
+
+def count_points(influx: Server, db: str, measurement: str = "environment",
+                 field: str = "temperature") -> int:
+    """How many points of ``measurement`` have ``field`` (0 for an empty database)."""
+    rows = influx_query(influx, db, f'SELECT count("{field}") FROM "{measurement}"')
+    return int(rows[0]["count"]) if rows else 0
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:

@@ -23,9 +23,17 @@ import pytest
 
 from edge.sim.publisher import Publisher, community, messages
 from ingest.spool import open_readonly
-from tests.gateway import REPO, GatewayProcess, accounting_holds, mqtt_config, wait_for
+from tests.gateway import (
+    REPO,
+    GatewayProcess,
+    accounting_holds,
+    count_points,
+    mqtt_config,
+    new_database,
+    wait_for,
+)
 from tests.lp_reference import parse_line
-from tests.servers import Server, find_binary, influx_query
+from tests.servers import Server, find_binary
 
 EX_CONFIG = 78
 START_MS = 1_760_000_000_000
@@ -382,15 +390,8 @@ def test_demo_runs_with_nothing_but_mosquitto(tmp_path: Path) -> None:
 # --- lifecycle: embedded now, InfluxDB later; SIGTERM with a backlog -----------------------
 
 
-def _new_db(influx: Server) -> str:
-    db = "t" + uuid.uuid4().hex[:12]
-    influx_query(influx, "", f'CREATE DATABASE "{db}"')
-    return db
 
 
-def _count(influx: Server, db: str) -> int:
-    rows = influx_query(influx, db, "SELECT count(temperature) FROM environment")
-    return int(rows[0]["count"]) if rows else 0
 
 
 def _publish(mosquitto: Server, prefix: str, n: int) -> None:
@@ -420,14 +421,14 @@ def test_embedded_backlog_is_forwarded_once_influxdb_is_configured(
         assert gw.terminate() == 0
     assert gw.status().points_queued == n
 
-    db = _new_db(influxdb1)
+    db = new_database(influxdb1)
     _restart_with(gw, mqtt_config(tmp_path, mosquitto.port, prefix,
                                   influx={"url": influxdb1.url, "api": "v1", "database": db}))
     assert "[influxdb]" in gw.config_path.read_text()
     try:
-        wait_for(lambda: _count(influxdb1, db) >= n, 30, f"the {n} backlog points in InfluxDB")
+        wait_for(lambda: count_points(influxdb1, db) >= n, 30, f"the {n} backlog points")
         wait_for(lambda: gw.status().points_queued == 0, 10, "an empty spool")
-        assert _count(influxdb1, db) == n
+        assert count_points(influxdb1, db) == n
         st = gw.status()
         ok, why = accounting_holds(st)
         assert ok, why
@@ -442,7 +443,7 @@ def test_sigterm_with_influxdb_down_stops_in_time_and_keeps_the_backlog(
 ) -> None:
     n = 2_000
     influx = private_influxdb1
-    db = _new_db(influx)
+    db = new_database(influx)
     prefix = "term" + uuid.uuid4().hex[:8]
     config = mqtt_config(tmp_path, mosquitto.port, prefix,
                          influx={"url": influx.url, "api": "v1", "database": db})
@@ -465,9 +466,9 @@ def test_sigterm_with_influxdb_down_stops_in_time_and_keeps_the_backlog(
     influx.start()
     _restart_with(gw, config)
     try:
-        wait_for(lambda: _count(influx, db) >= n, 60, f"all {n} points after the restart")
+        wait_for(lambda: count_points(influx, db) >= n, 60, f"all {n} points after the restart")
         wait_for(lambda: gw.status().points_queued == 0, 10, "an empty spool")
-        assert _count(influx, db) == n
+        assert count_points(influx, db) == n
         st = gw.status()
         ok, why = accounting_holds(st)
         assert ok, why

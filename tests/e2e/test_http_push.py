@@ -29,7 +29,7 @@ import pytest
 from edge.pseudonym import Pseudonymizer
 from edge.sim.publisher import Publisher, community, messages
 from ingest.spool import open_readonly
-from tests.gateway import GatewayProcess, accounting_holds, wait_for
+from tests.gateway import GatewayProcess, accounting_holds, count_points, wait_for
 from tests.lp_reference import FieldValue, parse_line
 from tests.servers import Server, free_ports, influx_query
 
@@ -383,9 +383,6 @@ def test_a_busy_port_fails_the_start_instead_of_reporting_ready(tmp_path: Path) 
     assert "address already in use" in gw.log_tail()
 
 
-def _count(influx: Server, db: str, measurement: str, field: str) -> int:
-    rows = influx_query(influx, db, f'SELECT count("{field}") FROM "{measurement}"')
-    return int(rows[0]["count"]) if rows else 0
 
 
 def test_events_reach_influxdb_as_pseudonyms_next_to_mqtt_readings(
@@ -408,9 +405,9 @@ def test_events_reach_influxdb_as_pseudonyms_next_to_mqtt_readings(
             status, body = post(port, PLATE_PATH, plate_body(site, direction="up"), site.token)
             assert (status, json.loads(body)["error"]) == (400, "bad_field")
             pub.flush()
-        wait_for(lambda: _count(influxdb1, db, "environment", "temperature") == n_mqtt, 30,
+        wait_for(lambda: count_points(influxdb1, db, "environment", "temperature") == n_mqtt, 30,
                  f"{n_mqtt} MQTT readings in InfluxDB")
-        wait_for(lambda: _count(influxdb1, db, "event", "redacted") == 2, 30,
+        wait_for(lambda: count_points(influxdb1, db, "event", "redacted") == 2, 30,
                  "both events in InfluxDB")
         rows = influx_query(influxdb1, db, "SELECT * FROM event", epoch="ns")
         by_kind = {r["kind"]: r for r in rows}

@@ -16,30 +16,28 @@ import orjson
 import pytest
 
 from edge.sim.publisher import Publisher, community, messages
-from tests.gateway import GatewayProcess, accounting_holds, mqtt_config, wait_for
+from tests.gateway import (
+    GatewayProcess,
+    accounting_holds,
+    count_points,
+    mqtt_config,
+    new_database,
+    wait_for,
+)
 from tests.servers import Server, influx_query, vm_export
 
 START_MS = 1_760_000_000_000  # fixed point times: the expected points are known exactly
 
 
-def _port(server: Server) -> int:
-    return int(server.url.rsplit(":", 1)[1])
 
 
-def _new_db(influx: Server) -> str:
-    db = "t" + uuid.uuid4().hex[:12]
-    influx_query(influx, "", f'CREATE DATABASE "{db}"')
-    return db
 
 
-def _count(influx: Server, db: str) -> int:
-    rows = influx_query(influx, db, "SELECT count(temperature) FROM environment")
-    return int(rows[0]["count"]) if rows else 0
 
 
 def _publish(mosquitto: Server, prefix: str, n: int, sensors: int = 100) -> list[tuple[str, bytes]]:
     msgs = list(messages(community(sensors, sites=3, prefix=prefix), n, START_MS))
-    with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+    with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
         for topic, data in msgs:
             pub.publish(topic, data)
         pub.flush()
@@ -56,18 +54,18 @@ def test_ten_thousand_messages_arrive_exactly_once_in_influxdb_v1(
     mosquitto: Server, influxdb1: Server, tmp_path: Path
 ) -> None:
     n = 10_000
-    db = _new_db(influxdb1)
+    db = new_database(influxdb1)
     prefix = "e2e" + uuid.uuid4().hex[:8]
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix,
+        tmp_path, mosquitto.port, prefix,
         influx={"url": influxdb1.url, "api": "v1", "database": db}))
     gw.start()
     try:
         msgs = _publish(mosquitto, prefix, n)
-        wait_for(lambda: _count(influxdb1, db) >= n, 60, f"{n} points in InfluxDB")
+        wait_for(lambda: count_points(influxdb1, db) >= n, 60, f"{n} points in InfluxDB")
         wait_for(lambda: gw.status().points_queued == 0, 10, "an empty spool")
         # Exactly N: nothing lost, nothing doubled.
-        assert _count(influxdb1, db) == n
+        assert count_points(influxdb1, db) == n
         # Tags, fields and timestamps of a sample are what was published.
         for topic, data in random.Random(7).sample(msgs, 20):
             _, site, zone, device = topic.split("/")
@@ -100,7 +98,7 @@ def test_the_v2_api_delivers_into_victoriametrics(
     creds.mkdir()
     (creds / "influx-token").write_text("test-token\n")
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix,
+        tmp_path, mosquitto.port, prefix,
         influx={"url": victoria.url, "api": "v2", "org": "community", "bucket": "edge",
                 "token_credential": "influx-token"}))
     # A site name unique to this test keeps other tests' series out of the count.
@@ -110,7 +108,7 @@ def test_the_v2_api_delivers_into_victoriametrics(
     gw.config["sources.mqtt.topics"][0]["template"] = prefix + "/{ignored}/{zone}/{device}"
     gw.start()
     try:
-        with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+        with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
             for topic, data in msgs:
                 pub.publish(topic, data)
             pub.flush()
@@ -134,26 +132,26 @@ def test_influxdb_outage_loses_nothing_and_keeps_order(
     mosquitto: Server, private_influxdb1: Server, tmp_path: Path
 ) -> None:
     influx = private_influxdb1
-    db = _new_db(influx)
+    db = new_database(influx)
     prefix = "out" + uuid.uuid4().hex[:8]
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix,
+        tmp_path, mosquitto.port, prefix,
         influx={"url": influx.url, "api": "v1", "database": db}))
     gw.start()
     try:
         first = _publish(mosquitto, prefix, 1_000, sensors=10)
-        wait_for(lambda: _count(influx, db) == 1_000, 30, "the first 1,000 points")
+        wait_for(lambda: count_points(influx, db) == 1_000, 30, "the first 1,000 points")
         influx.stop()
         n_down = 4_000
         msgs = list(messages(community(10, sites=3, prefix=prefix), 1_000 + n_down, START_MS))
-        with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+        with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
             for topic, data in msgs[1_000:]:
                 pub.publish(topic, data)
             pub.flush()
         wait_for(lambda: gw.status().points_queued == n_down, 30, "the outage data spooled")
         assert gw.running()
         influx.start()
-        wait_for(lambda: _count(influx, db) == 1_000 + n_down, 60, "all points after recovery")
+        wait_for(lambda: count_points(influx, db) == 1_000 + n_down, 60, "all points back")
         # Per device, the stored series is the published sequence with no gap.
         rows = influx_query(influx, db, "SELECT seq FROM environment WHERE device = 'air-0003'")
         per_device = len(first + msgs[1_000:]) // 10
@@ -170,10 +168,10 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
     mosquitto: Server, influxdb1: Server, tmp_path: Path
 ) -> None:
     n = 20_000
-    db = _new_db(influxdb1)
+    db = new_database(influxdb1)
     prefix = "k9" + uuid.uuid4().hex[:8]
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix,
+        tmp_path, mosquitto.port, prefix,
         influx={"url": influxdb1.url, "api": "v1", "database": db}))
     _subscribe_once(gw)  # the broker queues for our session while we are dead
     msgs = list(messages(community(100, sites=3, prefix=prefix), n, START_MS))
@@ -182,7 +180,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
 
     def publish() -> None:
         try:
-            with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+            with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
                 for topic, data in msgs:
                     pub.publish(topic, data, window=500)
                     time.sleep(0.0001)
@@ -206,9 +204,9 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(
         publisher.join(120)
         assert not errors, errors
         assert done.is_set()
-        wait_for(lambda: _count(influxdb1, db) >= n, 90, f"{n} distinct points")
+        wait_for(lambda: count_points(influxdb1, db) >= n, 90, f"{n} distinct points")
         # Duplicates are identical points (same series and time), so the count is exact.
-        assert _count(influxdb1, db) == n
+        assert count_points(influxdb1, db) == n
         assert kills == 4
         wait_for(lambda: gw.status().points_queued == 0, 10, "an empty spool")
         ok, why = accounting_holds(gw.status())
@@ -235,17 +233,17 @@ BAD_PAYLOADS: list[tuple[bytes, str]] = [
 def test_malformed_payloads_are_counted_and_good_data_keeps_flowing(
     mosquitto: Server, influxdb1: Server, tmp_path: Path
 ) -> None:
-    db = _new_db(influxdb1)
+    db = new_database(influxdb1)
     prefix = "bad" + uuid.uuid4().hex[:8]
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix,
+        tmp_path, mosquitto.port, prefix,
         influx={"url": influxdb1.url, "api": "v1", "database": db}))
     gw.start()
     good = list(messages(community(5, sites=1, prefix=prefix), 500, START_MS))
     rounds = 20
     expected: dict[str, int] = {}
     try:
-        with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+        with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
             for i, (topic, data) in enumerate(good):
                 pub.publish(topic, data)
                 if i < rounds:
@@ -253,7 +251,7 @@ def test_malformed_payloads_are_counted_and_good_data_keeps_flowing(
                         pub.publish(topic, bad)
                         expected[reason] = expected.get(reason, 0) + 1
             pub.flush()
-        wait_for(lambda: _count(influxdb1, db) == len(good), 30, "all good points")
+        wait_for(lambda: count_points(influxdb1, db) == len(good), 30, "all good points")
         assert gw.running()
         counters = gw.status().counters
         rejected = {k.split(":", 1)[1]: v for k, v in counters.items()

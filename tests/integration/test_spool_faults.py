@@ -44,8 +44,6 @@ FAILED = "spool commit failed"
 RECOVERED = "spool commits work again"
 
 
-def _port(server: Server) -> int:
-    return int(server.url.rsplit(":", 1)[1])
 
 
 def _received(gw: GatewayProcess) -> int:
@@ -97,12 +95,12 @@ def test_quota_reached_drops_the_oldest_telemetry_counted_exactly(
     max_mb = 0.5
     quota = int(max_mb * 1024 * 1024)  # as the gateway computes it: ~4,000 lines
     gw = GatewayProcess(tmp_path, mqtt_config(
-        tmp_path, _port(mosquitto), prefix, spool={"max_mb": max_mb}))
+        tmp_path, mosquitto.port, prefix, spool={"max_mb": max_mb}))
     msgs = list(messages(community(20, sites=2, prefix=prefix), 15_000, START_MS))
     first, second = msgs[:10_000], msgs[10_000:]
     gw.start()
     try:
-        with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+        with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
             _publish(pub, first)
             wait_for(lambda: _received(gw) == len(first), 30, "every message received")
             assert gw.running()
@@ -164,7 +162,7 @@ def test_disk_full_stops_acknowledging_and_everything_arrives_after_more_space(
     mosquitto: Server, small_tmpfs: Tmpfs, tmp_path: Path
 ) -> None:
     prefix = "full" + uuid.uuid4().hex[:8]
-    config = mqtt_config(tmp_path, _port(mosquitto), prefix)
+    config = mqtt_config(tmp_path, mosquitto.port, prefix)
     config["gateway"]["data_dir"] = str(small_tmpfs.path)  # the spool lives on the tmpfs
     gw = GatewayProcess(tmp_path, config)
     msgs = list(messages(community(50, sites=2, prefix=prefix), 60_000, START_MS))
@@ -172,7 +170,7 @@ def test_disk_full_stops_acknowledging_and_everything_arrives_after_more_space(
     published: list[tuple[str, bytes]] = []
     gw.start()
     try:
-        with Publisher("127.0.0.1", _port(mosquitto), client_id=f"pub-{prefix}") as pub:
+        with Publisher("127.0.0.1", mosquitto.port, client_id=f"pub-{prefix}") as pub:
             # Publish until SQLite meets ENOSPC: each round is either all committed or not.
             for start in range(0, len(msgs), round_size):
                 chunk = msgs[start:start + round_size]
