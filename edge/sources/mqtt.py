@@ -250,13 +250,14 @@ class MqttIntake:
         return ctx
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
-        if self._attempt:
-            log.warning("mqtt %s:%d: connected again", self.config.host, self.config.port)
-        self._attempt = 0
-        # Subscribing again is harmless with a persistent session and needed without one.
+        # Subscribing again is harmless with a persistent session and needed without one
+        # (a broker restarted without persistence forgets it).
         self._unsubscribed = len(self._decoders)
         for entry, _ in self._decoders:
             client.subscribe(entry.subscription, qos=1)
+        if self._attempt:
+            log.warning("mqtt %s:%d: connected again", self.config.host, self.config.port)
+        self._attempt = 0
 
     def _on_subscribe(self, client: Client, mid: int, qos: Any, properties: Any) -> None:
         self._unsubscribed -= 1
