@@ -285,21 +285,21 @@ class MqttIntake:
         cfg = self.config
         version = MQTTv50 if cfg.protocol == "5" else MQTTv311
         client = self._client()
+        said = ""  # log each distinct connect problem once, not once per retry
         while True:
             try:
                 await client.connect(cfg.host, cfg.port, ssl=self._ssl(),
                                      keepalive=cfg.keepalive_secs, version=version)
                 break
             except ssl.SSLError as exc:
-                log.error("mqtt %s:%d: TLS failed (%s); not falling back to plain text",
-                          cfg.host, cfg.port, exc)
+                problem = f"TLS failed ({exc}); not falling back to plain text"
             except OSError as exc:
-                if self._attempt == 0:
-                    log.warning("mqtt %s:%d: cannot connect (%s), retrying", cfg.host, cfg.port,
-                                exc)
+                problem = f"cannot connect ({exc}), retrying"
             except MQTTConnectError as exc:
-                log.error("mqtt %s:%d: broker refused the connection: %s", cfg.host, cfg.port,
-                          exc)
+                problem = f"broker refused the connection: {exc}"
+            if problem != said:
+                log.error("mqtt %s:%d: %s", cfg.host, cfg.port, problem)
+                said = problem
             self._attempt += 1
             await asyncio.sleep(self._backoff())
         try:
