@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 def _setup_logging(level: str = "info") -> None:
     # No timestamps: journald adds them.
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        # gmqtt logs every connection attempt at INFO..ERROR; edge.sources.mqtt reports the
+        # connection state itself, once per change.
+        logging.getLogger("gmqtt").setLevel(logging.CRITICAL)
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]

@@ -79,9 +79,12 @@ def messages(
 class Publisher:
     """Publishes with QoS 1 and waits until the broker acknowledged everything."""
 
-    def __init__(self, host: str, port: int, client_id: str = "", max_inflight: int = 1000):
+    def __init__(self, host: str, port: int, client_id: str = "", max_inflight: int = 1000,
+                 username: str | None = None, password: str | None = None):
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         self._lock = threading.Condition()
