@@ -272,7 +272,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
             gateway = Gateway(config)
             task = asyncio.create_task(gateway.run(stop, notify=lambda _m: None))
-            await gateway.ready.wait()
+            ready = asyncio.create_task(gateway.ready.wait())
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():  # failed before it was ready (spool not openable, ...)
+                ready.cancel()
+                await task
+                return
             sim = threading.Thread(
                 target=simulate, name="simulate", daemon=True,
                 args=("127.0.0.1", port, args.rate, None, args.sensors, 2, False))

@@ -90,7 +90,9 @@ class Forwarder:
                 continue
             lines = sum(s.n for s in segments)
             age = time.time_ns() - segments[0].created_ns
-            wait = self.flush_interval - age / 1e9
+            # Capped: created_ns is wall-clock, and after the clock steps back the age is
+            # negative; without the cap the forwarder would sleep for the size of the step.
+            wait = min(self.flush_interval, self.flush_interval - age / 1e9)
             if lines < self.config.batch_max_lines and wait > 0:
                 await asyncio.sleep(wait)
                 segments = await spool.call(

@@ -160,7 +160,14 @@ class Spool:
             row = self._db.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
                 corrupt_reason = str(row[0] if row else "no result")
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError:
+            # Locked, unreadable, read-only, I/O error: not corruption. Moving the file aside
+            # would hide the acknowledged backlog; fail and let the operator see why.
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise
+        except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
             corrupt_reason = str(exc)
         if corrupt_reason is not None:
             if self._db is not None:
@@ -532,15 +539,17 @@ class SpoolService:
                 if self.last_error is None:
                     log.error("spool commit failed, not acknowledging intake: %s", exc)
                 self.last_error = str(exc)
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: the sources see it through their own awaits
+                if not fut.done():  # a waiter that gave up may have cancelled it
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: the sources see it through their own awaits
                 # Do not spin on a full or failing disk.
                 await asyncio.sleep(min(1.0, self.commit_interval * 10))
                 continue
             if self.last_error is not None:
                 log.warning("spool commits work again")
                 self.last_error = None
-            fut.set_result(None)
+            if not fut.done():  # a waiter that gave up may have cancelled it
+                fut.set_result(None)
             self.new_data.set()
 
     def close(self) -> None:

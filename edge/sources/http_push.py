@@ -102,7 +102,9 @@ class HttpPushIntake:
     async def _commit(self, submit: object, *args: object) -> bool:
         try:
             async with asyncio.timeout(COMMIT_TIMEOUT_SECS):
-                await submit(*args)  # type: ignore[operator]
+                # Shielded: the future is shared by the whole group commit (MQTT PUBACKs
+                # wait on it too); the timeout must not cancel it for everyone.
+                await asyncio.shield(submit(*args))  # type: ignore[operator]
             return True
         except (TimeoutError, SpoolError, sqlite3.Error) as exc:
             self._burst.warning("http:spool", "http push: spool not writable: %s", exc)

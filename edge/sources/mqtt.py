@@ -106,11 +106,14 @@ class MqttIntake:
         self._burst = BurstLog(log)
         self._attempt = 0
         self._inflight = 0
+        # (mid, rejection reason, lines, session) per message, by the commit it waits for.
         self._held: dict[asyncio.Future[None], list[tuple[int | None, str | None,
-                                                           list[bytes]]]] = {}
+                                                           list[bytes], int]]] = {}
+        self._session = 0  # bumped when the broker did not keep our session: mids are void
         self._retry_secs = RETRY_INITIAL_SECS
         self._stopping = False
         self._unsubscribed = 0
+        self._subscribe_failed = False
         self.connected = asyncio.Event()
         """Set while connected and subscribed."""
 
@@ -173,8 +176,14 @@ class MqttIntake:
         gmqtt's own way (an async callback per message, PUBACK when it returns) costs a task
         per message; here one done-callback per group commit acknowledges its whole batch.
         """
-        reason, lines = self._decode(topic, payload)
-        self._enqueue(mid, reason, lines)
+        try:
+            reason, lines = self._decode(topic, payload)
+            self._enqueue(mid, reason, lines)
+        except Exception:
+            # A bug of ours: gmqtt would swallow it into its own (silenced) log. Say it here;
+            # the message stays unacknowledged, so the broker redelivers it after a restart.
+            log.exception("mqtt: bug while handling a message on %r", topic[:200])
+            raise
 
     def on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
                    ) -> int:
@@ -183,14 +192,15 @@ class MqttIntake:
         self._enqueue(None, reason, lines)
         return 0
 
-    def _enqueue(self, mid: int | None, reason: str | None, lines: list[bytes]) -> None:
+    def _enqueue(self, mid: int | None, reason: str | None, lines: list[bytes],
+                 session: int | None = None) -> None:
         spool = self.spool
         fut = spool.reject(reason) if reason else spool.submit(Priority.TELEMETRY, lines)
         held = self._held.get(fut)
         if held is None:
             held = self._held[fut] = []
             fut.add_done_callback(self._committed)
-        held.append((mid, reason, lines))
+        held.append((mid, reason, lines, self._session if session is None else session))
         self._inflight += 1
 
     def _committed(self, fut: asyncio.Future[None]) -> None:
@@ -204,13 +214,14 @@ class MqttIntake:
             return
         self._retry_secs = RETRY_INITIAL_SECS
         send = self._gmqtt._package_handler._send_puback
-        for mid, _, _ in held:
-            if mid is not None:
+        for mid, _, _, session in held:
+            # A mid from a session the broker dropped may name a different, new message now.
+            if mid is not None and session == self._session:
                 send(mid)
 
-    def _resubmit(self, held: list[tuple[int | None, str | None, list[bytes]]]) -> None:
-        for mid, reason, lines in held:
-            self._enqueue(mid, reason, lines)
+    def _resubmit(self, held: list[tuple[int | None, str | None, list[bytes], int]]) -> None:
+        for mid, reason, lines, session in held:
+            self._enqueue(mid, reason, lines, session)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -252,7 +263,15 @@ class MqttIntake:
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
         # Subscribing again is harmless with a persistent session and needed without one
         # (a broker restarted without persistence forgets it).
+        if not flags:  # session not present: the broker forgot the mids we still hold
+            self._session += 1
+        # gmqtt appends to client.subscriptions on every subscribe() and frees a SUBSCRIBE's
+        # id only on its SUBACK: without this, reconnects grow the list and leak ids until
+        # subscribe() raises OverflowError. We never publish, so every id in use is stale here.
+        client.subscriptions.clear()
+        client._package_handler.id_generator._used_ids.clear()
         self._unsubscribed = len(self._decoders)
+        self._subscribe_failed = False
         for entry, _ in self._decoders:
             client.subscribe(entry.subscription, qos=1)
         if self._attempt:
@@ -261,7 +280,15 @@ class MqttIntake:
 
     def _on_subscribe(self, client: Client, mid: int, qos: Any, properties: Any) -> None:
         self._unsubscribed -= 1
-        if self._unsubscribed <= 0:
+        granted = list(qos) if isinstance(qos, tuple | list) else [qos]
+        if any(not isinstance(code, int) or code != 1 for code in granted):
+            # Refused (>= 0x80, e.g. an ACL) or downgraded to QoS 0, where nothing is
+            # acknowledged or redelivered: the promise of no loss would not hold.
+            log.error("mqtt %s:%d: subscription %d not granted at QoS 1 (broker answered %s);"
+                      " check the broker's ACL for this client", self.config.host,
+                      self.config.port, mid, granted)
+            self._subscribe_failed = True
+        if self._unsubscribed <= 0 and not self._subscribe_failed:
             self.connected.set()
 
     def _on_disconnect(self, client: Client, packet: Any, exc: BaseException | None = None) -> None:

@@ -29,10 +29,12 @@ def auth_broker(tmp_path: Path) -> Iterator[int]:
         flag = ["-c"] if not pwfile.exists() else []
         subprocess.run([str(passwd), "-b", *flag, str(pwfile), user, pw], check=True,
                        capture_output=True)
+    acl = tmp_path / "acl"
+    acl.write_text("user edgegw\ntopic read ok/#\n\nuser sim\ntopic write #\n")
     (port,) = free_ports(1)
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
-                    f"password_file {pwfile}\npersistence false\n")
+                    f"password_file {pwfile}\nacl_file {acl}\npersistence false\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -61,7 +63,7 @@ def _gateway(tmp_path: Path, port: int, prefix: str, password: str) -> GatewayPr
 
 
 def test_the_password_from_the_credential_file_is_used(auth_broker: int, tmp_path: Path) -> None:
-    prefix = "auth" + uuid.uuid4().hex[:6]
+    prefix = "ok/auth" + uuid.uuid4().hex[:6]
     gw = _gateway(tmp_path, auth_broker, prefix, PASSWORD)
     gw.start()
     try:
@@ -89,3 +91,4 @@ def test_a_wrong_password_is_refused_loudly_once(auth_broker: int, tmp_path: Pat
         assert gw.running()
     finally:
         assert gw.terminate() == 0
+

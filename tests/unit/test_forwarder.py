@@ -507,6 +507,23 @@ async def test_run_delivers_in_order_and_waits_for_new_data(
             await committer
 
 
+async def test_a_clock_step_back_does_not_delay_forwarding(
+    service: SpoolService, sleeps: list[float]
+) -> None:
+    # Spooled before the clock stepped back an hour: the segment looks an hour "young".
+    batch = Batch(lines={Priority.TELEMETRY: lines_of(2)})
+    await service.call(service.spool.append, batch, time.time_ns() + 3600 * 10**9)
+    writer = ScriptedWriter(lambda body: OK)
+    runner = asyncio.create_task(make_forwarder(service, writer).run())
+    try:
+        async with asyncio.timeout(BOUND_SECS):
+            await until_drained(service)
+        assert max(sleeps) <= influx_config().flush_interval_ms / 1000
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 # --- the startup probe -----------------------------------------------------------------------
 
 

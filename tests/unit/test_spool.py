@@ -22,9 +22,11 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -32,6 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edge.model import Priority
+from edge.sources.http_push import HttpPushIntake
 from ingest.spool import (
     Batch,
     Segment,
@@ -450,6 +453,31 @@ def test_a_corrupt_spool_is_moved_aside_counted_and_replaced(
         s.close()
 
 
+def test_a_spool_that_cannot_be_opened_is_not_taken_for_corrupt(tmp_path: Path) -> None:
+    # Locked (a second instance), unreadable or read-only is not corruption: moving the file
+    # aside would take the acknowledged backlog out of forwarding.
+    path = tmp_path / "spool.db"
+    s = Spool(path, max_bytes=10_000_000)
+    s.open()
+    fill(s, (TEL, [b"m v=1 1"]))
+    s.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("INSERT INTO meta VALUES ('held', 'yes')")
+        with pytest.raises(sqlite3.OperationalError):
+            Spool(path, max_bytes=10_000_000).open()
+    finally:
+        holder.close()
+    assert not [p for p in tmp_path.iterdir() if ".corrupt." in p.name]
+    s = Spool(path, max_bytes=10_000_000)
+    s.open()
+    try:
+        assert s.tail(5) == [b"m v=1 1"]
+    finally:
+        s.close()
+
+
 def test_open_readonly_on_a_missing_path_raises_and_creates_nothing(tmp_path: Path) -> None:
     path = tmp_path / "nowhere" / "spool.db"
     with pytest.raises(SpoolError, match="no spool at"):
@@ -705,6 +733,33 @@ async def test_messages_arriving_during_a_commit_join_the_next_one(tmp_path: Pat
     assert spool.path.exists()
     assert [ln for _, body in queued_bodies(spool.path) for ln in body.split(b"\n")] == [
         line(i) for i in range(150)]
+
+
+async def test_a_waiter_that_gives_up_does_not_break_the_shared_commit(tmp_path: Path) -> None:
+    # HTTP push awaits its commit under a timeout; giving up must not cancel the future that
+    # the other messages of the same group commit (MQTT PUBACKs) wait on, nor crash the
+    # committer when it completes.
+    spool = Spool(tmp_path / "spool.db", max_bytes=10_000_000)
+    counting = CountingAppend(spool)
+    counting.hold_first = True
+    service = SpoolService(spool, commit_interval_secs=0.01)
+    async with running(service) as committer:
+        other = service.submit(TEL, [line(0)])
+        impatient = types.SimpleNamespace(_burst=mock.Mock())
+        with mock.patch("edge.sources.http_push.COMMIT_TIMEOUT_SECS", 0.2):
+            ok = await HttpPushIntake._commit(impatient, service.submit,  # type: ignore[arg-type]
+                                              EVT, [line(1)])
+        assert not ok  # answered 503
+        counting.release.set()
+        async with asyncio.timeout(10):
+            await other
+        # A waiter that cancels the shared future itself must not crash the committer either.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await service.submit(TEL, [line(2)])
+        await asyncio.sleep(0.2)
+        assert not committer.done()
+    assert counters_of(spool.path)["messages_accepted"] == 3
 
 
 async def test_a_future_completes_only_once_a_second_connection_can_read_the_data(
