@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         spool = open_readonly(path)
         st = spool.status()
-    except SpoolError as exc:
+    except (SpoolError, sqlite3.Error) as exc:
         print(f"edgegw status: {exc}", file=sys.stderr)
         return 1
     age = (time.time_ns() - st.oldest_created_ns) / 1e9 if st.oldest_created_ns else 0.0
@@ -201,7 +202,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 return 0
             seen = set(lines)
             time.sleep(1.0)
-    except SpoolError as exc:
+    except (SpoolError, sqlite3.Error) as exc:
         print(f"edgegw tail: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

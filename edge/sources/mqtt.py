@@ -21,6 +21,7 @@ sending once the window is full and resumes when commits work again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -327,6 +328,14 @@ class MqttIntake:
             if problem != said:
                 log.error("mqtt %s:%d: %s", cfg.host, cfg.port, problem)
                 said = problem
+            # After some refusals gmqtt schedules a reconnect of its own; retiring the client
+            # cancels that, so only this loop retries (never two connections, one client id).
+            self._stopping = True
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(1):
+                    await client.disconnect()
+            self._stopping = False
+            client = self._client()
             self._attempt += 1
             await asyncio.sleep(self._backoff())
         try:
@@ -337,11 +346,13 @@ class MqttIntake:
     async def _disconnect(self, client: Client) -> None:
         # Let messages already received reach the spool and get their PUBACK first; whatever
         # is still unacknowledged after that the broker redelivers on our next start.
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 while self._inflight:  # noqa: ASYNC110 (a counter, not worth an Event per message)
                     await asyncio.sleep(0.01)
-                self._stopping = True
+        self._stopping = True
+        try:
+            async with asyncio.timeout(2):
                 await client.disconnect()
         except (TimeoutError, OSError) as exc:
             log.debug("mqtt disconnect: %s", exc)

@@ -57,3 +57,29 @@ def test_the_gateway_reconnects_after_a_broker_restart(protocol: str, tmp_path: 
         if gw.running():
             assert gw.terminate() == 0
         broker.stop()
+
+
+def test_a_broker_that_is_down_at_boot_is_waited_for(tmp_path: Path) -> None:
+    if find_binary("mosquitto") is None:
+        pytest.skip("mosquitto is not installed")
+    broker = start_mosquitto(tmp_path / "broker")
+    broker.stop()
+    prefix = "boot" + uuid.uuid4().hex[:8]
+    gw = GatewayProcess(tmp_path, mqtt_config(tmp_path, broker.port, prefix,
+                                              mqtt={"reconnect_initial_secs": 0.2,
+                                                    "reconnect_max_secs": 0.5}))
+    try:
+        gw.start()  # READY after the bounded wait, without a broker
+        assert gw.running()
+        broker.start()
+        wait_for(lambda: "connected again" in gw.log_tail(100_000), 30, "the first connection")
+        with Publisher("127.0.0.1", broker.port, client_id=f"pub-{prefix}") as pub:
+            for topic, data in messages(community(5, prefix=prefix), 100, START_MS):
+                pub.publish(topic, data)
+            pub.flush()
+        wait_for(lambda: gw.status().points_queued == 100, 30, "100 points")
+        assert gw.log_tail(100_000).count("cannot connect") == 1  # once, not per retry
+    finally:
+        if gw.running():
+            assert gw.terminate() == 0
+        broker.stop()
