@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.sim.publisher import Publisher, community, messages
-from tests.gateway import GatewayProcess, mqtt_config, wait_for
+from tests.gateway import GatewayProcess, mosquitto_with, mqtt_config, wait_for
 from tests.servers import find_binary, free_ports
 
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
@@ -35,22 +34,8 @@ def auth_broker(tmp_path: Path) -> Iterator[int]:
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
                     f"password_file {pwfile}\nacl_file {acl}\npersistence false\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("mosquitto with a password file did not start")
-                time.sleep(0.05)
+    with mosquitto_with(binary, conf, port):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _gateway(tmp_path: Path, port: int, prefix: str, password: str) -> GatewayProcess:

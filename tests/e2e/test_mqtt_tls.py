@@ -6,10 +6,8 @@ A private mosquitto with a TLS listener and a throwaway CA made with openssl.
 from __future__ import annotations
 
 import shutil
-import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.gateway import GatewayProcess, mqtt_config, wait_for
+from tests.gateway import GatewayProcess, mosquitto_with, mqtt_config, wait_for
 from tests.servers import find_binary, free_ports
 
 
@@ -55,22 +53,8 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         f"cafile {certs / 'good-ca.pem'}\ncertfile {certs / 'good-server.pem'}\n"
         f"keyfile {certs / 'good-server.key'}\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("TLS mosquitto did not start")
-                time.sleep(0.05)
+    with mosquitto_with(binary, conf, port):
         yield port, certs
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _publish_tls(port: int, ca: Path, topic: str, n: int) -> None:
