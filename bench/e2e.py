@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.sim.publisher import Publisher
-from tests.gateway import GatewayProcess, wait_for
+from tests.gateway import GatewayProcess, count_points, new_database, wait_for
 from tests.servers import Server, influx_query, start_influxd, start_mosquitto
 
 SITES = 10
@@ -73,11 +73,6 @@ def mem_mb(pid: int) -> tuple[float, float]:
     return rss, hwm
 
 
-def count(influx: Server, db: str, measurement: str = "environment") -> int:
-    rows = influx_query(influx, db, f"SELECT count(temperature) FROM {measurement}")
-    return int(rows[0]["count"]) if rows else 0
-
-
 TUNING: dict[str, dict[str, Any]] = {"spool": {}, "influxdb": {}}
 
 
@@ -87,7 +82,7 @@ def gateway(tmp: Path, mqtt: Server, influx: Server, db: str, tag: str) -> Gatew
                     "credentials_dir": str(tmp / "credentials"), "log_level": "warning"},
         "spool": dict(TUNING["spool"]),
         "influxdb": {"url": influx.url, "api": "v1", "database": db, **TUNING["influxdb"]},
-        "sources.mqtt": {"host": "127.0.0.1", "port": int(mqtt.url.rsplit(":", 1)[1]),
+        "sources.mqtt": {"host": "127.0.0.1", "port": mqtt.port,
                          "client_id": f"edgegw-bench-{tag}"},
         "sources.mqtt.topics": [{"template": "community/{site}/env/{device}", "decoder": "json",
                                  "measurement": "environment", "kind": "air"}],
@@ -95,29 +90,24 @@ def gateway(tmp: Path, mqtt: Server, influx: Server, db: str, tag: str) -> Gatew
     return GatewayProcess(tmp, config)
 
 
-def new_db(influx: Server, name: str) -> str:
-    influx_query(influx, "", f'CREATE DATABASE "{name}"')
-    return name
-
-
 def run_drain(mqtt: Server, influx: Server, n: int, run: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        db = new_db(influx, f"drain{run}_{int(time.time())}")
+        db = new_database(influx)
         gw = gateway(tmp, mqtt, influx, db, f"drain{run}-{time.time_ns()}")
         gw.start()
         gw.terminate()
-        port = int(mqtt.url.rsplit(":", 1)[1])
+        port = mqtt.port
         publish_range(port, 0, n, 1_700_000_000_000, f"pub-drain-{run}")
         t0 = time.monotonic()
         gw.start(timeout=60)
         assert gw.proc is not None
         pid = gw.proc.pid
-        wait_for(lambda: count(influx, db) >= n, 600, "drain", interval=0.05)
+        wait_for(lambda: count_points(influx, db) >= n, 600, "drain", interval=0.05)
         elapsed = time.monotonic() - t0
         cpu = cpu_secs(pid)
         _, hwm = mem_mb(pid)
-        stored = count(influx, db)
+        stored = count_points(influx, db)
         gw.terminate()
         return {"stored_msg_per_s": n / elapsed, "loss": n - stored,
                 "cpu_s_per_1k": cpu / n * 1000, "peak_rss_mb": hwm}
@@ -127,13 +117,13 @@ def run_burst(mqtt: Server, influx: Server, n: int, publishers: int, run: int
               ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        db = new_db(influx, f"burst{run}_{int(time.time())}")
+        db = new_database(influx)
         gw = gateway(tmp, mqtt, influx, db, f"burst{run}-{time.time_ns()}")
         gw.start()
         assert gw.proc is not None
         pid = gw.proc.pid
         cpu0 = cpu_secs(pid)
-        port = int(mqtt.url.rsplit(":", 1)[1])
+        port = mqtt.port
         step = n // publishers
         procs = [multiprocessing.Process(
             target=publish_range,
@@ -142,13 +132,13 @@ def run_burst(mqtt: Server, influx: Server, n: int, publishers: int, run: int
         t0 = time.monotonic()
         for p in procs:
             p.start()
-        wait_for(lambda: count(influx, db) >= step * publishers, 600, "burst", interval=0.05)
+        wait_for(lambda: count_points(influx, db) >= step * publishers, 600, "burst", interval=0.05)
         elapsed = time.monotonic() - t0
         for p in procs:
             p.join()
         cpu = cpu_secs(pid) - cpu0
         _, hwm = mem_mb(pid)
-        stored = count(influx, db)
+        stored = count_points(influx, db)
         gw.terminate()
         total = step * publishers
         return {"stored_msg_per_s": total / elapsed, "loss": total - stored,
@@ -159,12 +149,12 @@ def run_steady(mqtt: Server, influx: Server, rate: int, secs: float, run: int
                ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        db = new_db(influx, f"steady{run}_{int(time.time())}")
+        db = new_database(influx)
         gw = gateway(tmp, mqtt, influx, db, f"steady{run}-{time.time_ns()}")
         gw.start()
         assert gw.proc is not None
         pid = gw.proc.pid
-        port = int(mqtt.url.rsplit(":", 1)[1])
+        port = mqtt.port
         latencies: list[float] = []
         stop = threading.Event()
 
@@ -209,8 +199,8 @@ def run_steady(mqtt: Server, influx: Server, rate: int, secs: float, run: int
         stop.set()
         prober.join()
         probes = len(latencies)
-        wait_for(lambda: count(influx, db) >= sent + probes, 60, "steady data", interval=0.1)
-        stored = count(influx, db) - probes
+        wait_for(lambda: count_points(influx, db) >= sent + probes, 60, "steady data", interval=0.1)
+        stored = count_points(influx, db) - probes
         gw.terminate()
         latencies.sort()
         return {"cpu_s_per_1k": cpu / (total - warm) * 1000, "rss_mb": rss, "peak_rss_mb": hwm,

@@ -133,7 +133,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as d:
         mqtt = start_mosquitto(Path(d))
-        port = int(mqtt.url.rsplit(":", 1)[1])
+        port = mqtt.port
         try:
             for name, fn in clients.items():
                 rows = []
